@@ -55,11 +55,15 @@ def ports_for_source(url_template: str) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def render_filter(settings: ProxySettings) -> str:
-    """URL filter (tinyproxy FilterDefaultDeny): plain HTTP only to the allowed ports."""
+    """URL filter (tinyproxy FilterDefaultDeny): plain HTTP and CONNECT only to the allowed ports."""
     lines = []
     for port in settings.http_ports:
         suffix = f"(:{port})?" if port == 80 else f":{port}"
         lines.append(rf"^http://[^/:@]+{suffix}/")
+    # tinyproxy 1.11 runs a CONNECT's "host:port" through the same filter, so without these
+    # lines FilterDefaultDeny answers every CONNECT with 403 even on a ConnectPort.
+    for port in settings.connect_ports:
+        lines.append(rf"^[^/:@]+:{port}$")
     return "\n".join(lines) + "\n"
 
 
