@@ -38,6 +38,8 @@ class Deployment:
     workdir: Path
     runner: PodRunner | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # Extra TILEHOPPER_* (or other) variables for the operator's container, through the chart.
+    operator_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.env = process_env(self.bench.env)
@@ -68,7 +70,8 @@ class Deployment:
                 "addressMode": "private",  # the bench's instances have loopback private IPs
                 "subnetId": env["TILEHOPPER_BENCH_SUBNET_ID"],
                 "livenessPort": 0,  # nothing on the bench may listen beyond loopback
-                "env": {"TILEHOPPER_DRAIN_SECONDS": "1", "TILEHOPPER_ORPHAN_SWEEP_SECONDS": "10"},
+                "env": {"TILEHOPPER_DRAIN_SECONDS": "1", "TILEHOPPER_ORPHAN_SWEEP_SECONDS": "10",
+                        **self.operator_env},
             },
             "aws": {
                 "region": env["AWS_DEFAULT_REGION"],
@@ -98,6 +101,18 @@ class Deployment:
         )
         self.runner.start()
         return self.runner
+
+    def operator_pid(self) -> int | None:
+        """PID of the operator's container process (the podrunner restarts it if it dies)."""
+        if self.runner is None:
+            return None
+        for key, proc in self.runner.processes().items():
+            if "-operator-" in key and proc.alive():
+                return proc.pid
+        return None
+
+    def scale_operator(self, replicas: int) -> None:
+        self.kubectl("scale", "deployment", f"{RELEASE}-operator", "-n", self.namespace, f"--replicas={replicas}")
 
     def stop(self) -> None:
         if self.runner is not None:

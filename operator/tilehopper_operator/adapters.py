@@ -27,7 +27,7 @@ from tilehopper_operator.workloads import JobRef
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Ec2Proxies", "PermanentAwsError", "sweep_job", "sweep_uid", "owned_job_uids", "extra_queues"]
+__all__ = ["Ec2Proxies", "PermanentAwsError", "sweep_job", "sweep_uid", "owned_jobs", "extra_queues"]
 
 # Only reached in public mode with no allowedCidrs and no TILEHOPPER_EGRESS_CIDR: the address the
 # operator's traffic leaves from, so the proxy port opens to exactly that /32.
@@ -36,7 +36,10 @@ EGRESS_ECHO_URL = "https://checkip.amazonaws.com"
 
 def clients(region: str) -> tuple[Any, Any]:
     # AWS_ENDPOINT_URL (the bench's moto) and the credentials come from boto3's own chain.
-    return aws.make_clients(region=region, endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    # TILEHOPPER_AWS_CALL_LOG records every call's IAM action name (the IAM policy test uses it).
+    log_path = os.environ.get("TILEHOPPER_AWS_CALL_LOG") or None
+    recorder = aws.ApiCallRecorder(log_path) if log_path else None
+    return aws.make_clients(region=region, endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, recorder=recorder)
 
 
 def _network(ec2: Any, subnet_id: str) -> tuple[str, str, str]:
@@ -163,11 +166,11 @@ async def sweep_uid(uid: str, region: str, config: OperatorConfig) -> dict[str, 
     return await asyncio.to_thread(_sweep, uid, region)
 
 
-async def owned_job_uids(config: OperatorConfig) -> dict[str, str]:
-    """uid -> region of every job with resources left, in the operator's default region."""
+async def owned_jobs(config: OperatorConfig) -> dict[str, str]:
+    """uid -> "<namespace>/<name>" of every job with resources left in the default region."""
     def run() -> dict[str, str]:
         ec2, _ = clients(config.default_region)
-        return {uid: config.default_region for uid in aws.list_owned_job_uids(ec2)}
+        return aws.list_owned_jobs(ec2)
 
     return await asyncio.to_thread(run)
 

@@ -115,15 +115,22 @@ class ApiCallRecorder:
     recorded too; a security test compares the set with deploy/iam-policy.json.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log_path: str | None = None) -> None:
         self.calls: list[str] = []
+        # With a path, every call is also appended there (one action a line), so the calls of an
+        # operator running in another process can be checked too.
+        self.log_path = log_path
 
     def attach(self, client: Any) -> Any:
         client.meta.events.register("before-call", self._record)
         return client
 
     def _record(self, model: Any, **_: Any) -> None:
-        self.calls.append(f"{model.service_model.signing_name}:{model.name}")
+        action = f"{model.service_model.signing_name}:{model.name}"
+        self.calls.append(action)
+        if self.log_path:
+            with open(self.log_path, "a") as out:
+                out.write(action + "\n")
 
     @property
     def actions(self) -> set[str]:
@@ -573,13 +580,18 @@ def leftovers(ec2: Any, job_uid: str | None = None) -> dict[str, int]:
 def list_owned_job_uids(ec2: Any) -> set[str]:
     """The uids of every job that still has a resource in this region: the orphan sweep compares
     them with the TileJobs that exist."""
-    uids: set[str] = set()
+    return set(list_owned_jobs(ec2))
+
+
+def list_owned_jobs(ec2: Any) -> dict[str, str]:
+    """uid -> "<namespace>/<name>" of every job that still has a resource in this region."""
+    jobs: dict[str, str] = {}
     for items in _job_resources(ec2, None).values():
         for item in items:
-            uid = tags_of(item).get(TAG_JOB_UID)
-            if uid:
-                uids.add(uid)
-    return uids
+            tags = tags_of(item)
+            if tags.get(TAG_JOB_UID):
+                jobs[tags[TAG_JOB_UID]] = tags.get(TAG_JOB, "")
+    return jobs
 
 
 def _retry_dependency(fn: Callable[[], Any], *, sleep: Callable[[float], None], attempts: int = 12) -> None:

@@ -43,6 +43,7 @@ class Operator:
         self.custom = client.CustomObjectsApi()
         self.rabbit = RabbitApi(config.rabbitmq_api_url)
         self.runtimes: dict[str, JobRuntime] = {}  # by job uid
+        self.namespaces = {ns.strip() for ns in config.namespace_scope.split(",") if ns.strip()}
         self._last_status: dict[str, str] = {}
 
     # -- helpers -------------------------------------------------------------------------------
@@ -212,18 +213,26 @@ class Operator:
             await asyncio.sleep(self.config.orphan_sweep_seconds)
 
     async def sweep_orphans(self) -> list[str]:
+        """Sweep AWS resources whose TileJob is gone, among the namespaces this operator watches."""
         # AWS first, then Kubernetes: a job created in between is in the second list, so it is
         # never mistaken for an orphan.
-        owned = await adapters.owned_job_uids(self.config)
+        owned = await adapters.owned_jobs(self.config)
+        scope = self.namespaces
+        if scope:
+            owned = {uid: ref for uid, ref in owned.items() if ref.split("/", 1)[0] in scope}
         if not owned:
             return []
-        jobs = await asyncio.to_thread(
-            self.custom.list_cluster_custom_object, contracts.API_GROUP, contracts.API_VERSION, contracts.TILEJOB_PLURAL
-        )
-        alive = {item["metadata"]["uid"] for item in jobs.get("items", [])}
+        alive: set[str] = set()
+        for namespace in sorted({ref.split("/", 1)[0] for ref in owned.values()}):
+            listing = await asyncio.to_thread(
+                self.custom.list_namespaced_custom_object,
+                contracts.API_GROUP, contracts.API_VERSION, namespace, contracts.TILEJOB_PLURAL,
+            )
+            alive |= {item["metadata"]["uid"] for item in listing.get("items", [])}
         orphans = sorted(set(owned) - alive)
         for uid in orphans:
             t0 = time.monotonic()
-            report = await adapters.sweep_uid(uid, owned[uid], self.config)
-            log.warning("swept orphaned resources of vanished job %s in %.1fs: %s", uid, time.monotonic() - t0, report)
+            report = await adapters.sweep_uid(uid, self.config.default_region, self.config)
+            log.warning("swept resources of vanished job %s (%s) in %.1fs: %s",
+                        owned[uid], uid, time.monotonic() - t0, report)
         return orphans
