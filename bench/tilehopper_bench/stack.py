@@ -46,7 +46,7 @@ class Bench:
         workdir.mkdir(parents=True, exist_ok=True)
         # `make bench-up` uses the well-known ports a person expects; tests take free ones so a
         # developer's running bench and the suite never collide.
-        amqp, mgmt = (5672, 15672) if fixed_ports else (procs.free_port(), procs.free_port())
+        amqp, mgmt = (5672, 15672) if fixed_ports else procs.free_ports(2)
         self.kube = ControlPlane(workdir / "kube")
         self.rabbit = RabbitMQ(workdir / "rabbitmq", amqp_port=amqp, mgmt_port=mgmt)
         self.aws = AwsBench(workdir / "aws", boot_delay=boot_delay)

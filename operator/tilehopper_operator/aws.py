@@ -28,6 +28,7 @@ from botocore.parsers import ResponseParserError  # not a BotoCoreError
 
 from tilehopper.contracts import (
     MANAGED_BY,
+    TAG_JOB,
     TAG_JOB_UID,
     TAG_MANAGED_BY,
     TAG_ROLE,
@@ -690,3 +691,42 @@ def _job_resources_volumes(ec2: Any, job_uid: str) -> list[dict[str, Any]]:
             Filters=[*tag_filters(job_uid), {"Name": "status", "Values": ["available"]}],
         )
     )
+
+
+# --- Pieces ami/ (the image baker) shares with the launch path ------------------------------
+
+
+def al2023_parameter(arch: str = "x86_64") -> str:
+    """The public SSM parameter naming the newest Amazon Linux 2023 image for an architecture."""
+    if arch not in ("x86_64", "arm64"):
+        raise ValueError(f"architecture must be x86_64 or arm64, not {arch!r}")
+    return AL2023_PARAMETER.replace("x86_64", arch)
+
+
+def hardened_launch_options(*, root_device: str, root_size_gib: int) -> dict[str, Any]:
+    """RunInstances arguments every tilehopper instance gets (the same as JobAws.launch's):
+    an encrypted root volume that goes with the instance, IMDSv2 only with one hop. No KeyName."""
+    return {
+        "BlockDeviceMappings": [
+            {
+                "DeviceName": root_device,
+                "Ebs": {"Encrypted": True, "DeleteOnTermination": True, "VolumeType": "gp3", "VolumeSize": root_size_gib},
+            }
+        ],
+        "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"},
+    }
+
+
+def network_of(ec2: Any, subnet_id: str | None) -> tuple[str, str]:
+    """(vpc id, subnet id) of the given subnet, or of a subnet of the region's default VPC."""
+    if subnet_id:
+        subnets = _call(ec2.describe_subnets, SubnetIds=[subnet_id]).get("Subnets", [])
+    else:
+        vpcs = _call(ec2.describe_vpcs, Filters=[{"Name": "isDefault", "Values": ["true"]}]).get("Vpcs", [])
+        if not vpcs:
+            raise PermanentAwsError("no default VPC in this region: name a subnet", operation="DescribeVpcs")
+        vpc_filter = [{"Name": "vpc-id", "Values": [vpcs[0]["VpcId"]]}]
+        subnets = _call(ec2.describe_subnets, Filters=vpc_filter).get("Subnets", [])
+    if not subnets:
+        raise PermanentAwsError(f"no subnet {subnet_id or 'in the default VPC'}", code="InvalidSubnetID.NotFound")
+    return str(subnets[0]["VpcId"]), str(subnets[0]["SubnetId"])
