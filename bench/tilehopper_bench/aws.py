@@ -210,6 +210,21 @@ def control_app(app: Any, *, delay: BootDelay, supervisor: ProxySupervisor) -> A
     return wrapped
 
 
+def install_fresh_addresses() -> None:
+    """Patch moto 5.2.5 so a terminated instance's private IP is never handed out again.
+
+    The tile server bans by source address, and on the bench an instance's private IP is its
+    source address: a reused IP would inherit the ban counters of an earlier instance. Real EC2
+    gives each new instance a fresh public address; never reusing the loopback one models that.
+    """
+    from moto.ec2.models.subnets import Subnet
+
+    def del_subnet_ip(self: Subnet, ip: str) -> None:
+        self._subnet_ips.pop(ip, None)  # and, unlike moto, not back into _unused_ips
+
+    Subnet.del_subnet_ip = del_subnet_ip  # type: ignore[method-assign]
+
+
 def serve(*, workdir: Path, port: int, boot_delay: float, network: str | None) -> None:
     # Imported here: moto is a dev dependency and slow to import; AwsBench users never need it.
     from moto.moto_server import threaded_moto_server as tms
@@ -218,6 +233,7 @@ def serve(*, workdir: Path, port: int, boot_delay: float, network: str | None) -
     cidr, _lock = claim_network(network)
     delay = BootDelay(boot_delay)
     install_boot_delay(delay)
+    install_fresh_addresses()
     endpoint = f"http://{HOST}:{port}"
     ec2 = ec2_client(endpoint)
     proxies_dir = workdir / "proxies"

@@ -122,6 +122,15 @@ def test_new_instance_is_pending_until_its_boot_delay_passed(aws: AwsBench) -> N
     assert state(aws, slow["InstanceId"]) == "terminated"  # a transition ends the boot
 
 
+def test_a_terminated_instance_address_is_never_reused(aws: AwsBench) -> None:
+    # The tile server bans by source address: a new instance must not inherit an old one's.
+    first = launch(aws, boot_delay=0)
+    aws.ec2().terminate_instances(InstanceIds=[first["InstanceId"]])
+    second = launch(aws, boot_delay=0)
+    assert second["PrivateIpAddress"] != first["PrivateIpAddress"]
+    aws.ec2().terminate_instances(InstanceIds=[second["InstanceId"]])
+
+
 def test_boot_delay_can_change_while_running(aws: AwsBench) -> None:
     aws.set_boot_delay(600)
     try:
