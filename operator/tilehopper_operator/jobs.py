@@ -191,7 +191,7 @@ class Operator:
         await self._write_status(job, {"phase": "Deleting"})
         runtime = self.runtimes.get(job.uid)
         if runtime is not None:
-            await runtime.close()  # no launch may land after the sweep
+            await runtime.halt()  # no launch may land after the sweep
         report = await adapters.sweep_job(job, spec, self.config)
         if report.get("remaining"):
             raise kopf.TemporaryError(f"AWS resources still there: {report['remaining']}", delay=5)

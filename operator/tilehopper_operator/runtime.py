@@ -88,6 +88,7 @@ class JobRuntime:
         self.tasks: set[asyncio.Task[None]] = set()
         self.progress = Progress()
         self.completed = False
+        self.halted = False  # the job is being deleted: act no more, the finalizer sweeps
         self._last_progress_at = 0.0
         self._last_published: ProxyAnnouncement | None = None
 
@@ -96,19 +97,25 @@ class JobRuntime:
     async def run(self, stopped: kopf.DaemonStopped) -> None:
         now = time.time()
         await self._feed(pool.Resume(now) if self.state.instances else pool.Tick(now))
-        while not stopped and not self.completed:
+        while not stopped and not self.completed and not self.halted:
             await self._check_bans()
             await self._check_instances()
             await self._update_progress()
             await self._drain_events()
-            if self.state.finished and self.completed:
-                break
+            if self.state.finished and (self.completed or self.state.failed):
+                break  # done, or failed for good with every instance terminated
             await self._sleep()
         await self.close()
 
     async def stop_pool(self) -> None:
         """Stop event: terminate every instance (work finished or job deleted)."""
         await self._feed(pool.Stop(time.time()))
+
+    async def halt(self) -> None:
+        """Stop acting (the TileJob is being deleted) and let every call in flight finish."""
+        self.halted = True
+        self.wake.set()
+        await self.close()
 
     async def close(self) -> None:
         """Let every in-flight AWS call finish: nothing may be created after the job's sweep."""
@@ -150,6 +157,8 @@ class JobRuntime:
     # -- actions -------------------------------------------------------------------------------
 
     async def _act(self, action: pool.Action) -> None:
+        if self.halted:
+            return
         if isinstance(action, pool.Publish):
             await self._publish(action)
         elif isinstance(action, pool.Launch):

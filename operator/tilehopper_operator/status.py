@@ -51,6 +51,16 @@ def _condition(type_: str, ok: bool, reason: str, message: str) -> dict[str, Any
             "lastTransitionTime": iso(dt.datetime.now(dt.UTC).timestamp())}
 
 
+def _ready(state: pool.PoolState, completed: bool) -> tuple[str, str]:
+    if state.active is not None:
+        return "ProxyActive", f"generation {state.generation}"
+    if completed:
+        return "Completed", "the work is finished and every proxy is removed"
+    if state.failed:
+        return "Failed", state.failed
+    return "NoHealthyProxy", "consumers wait for a healthy proxy"
+
+
 def progress_fields(progress: Progress, state: pool.PoolState, completed: bool) -> dict[str, Any]:
     total = progress.total
     finished = progress.done + progress.failed
@@ -79,8 +89,7 @@ def progress_fields(progress: Progress, state: pool.PoolState, completed: bool) 
         "ratePerSecond": round(rate, 1),
         "eta": f"{eta}s" if eta is not None else None,
         "conditions": [
-            _condition("Ready", state.active is not None, "ProxyActive" if state.active else "NoHealthyProxy",
-                       f"generation {state.generation}" if state.active else "consumers wait for a healthy proxy"),
+            _condition("Ready", state.active is not None, *_ready(state, completed)),
             _condition("Progressing", not completed and not state.failed,
                        "Downloading" if not completed else "Completed", f"{finished}/{total} tiles"),
             _condition("Degraded", bool(state.failed) or (paused and state.generation > 0),
