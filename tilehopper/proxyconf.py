@@ -94,6 +94,38 @@ CONF_PATH = "/etc/tinyproxy/tinyproxy.conf"
 FILTER_PATH = "/etc/tinyproxy/filter"
 
 
+def _dead_man(minutes: int, why: str) -> str:
+    return f'shutdown -h +{minutes} "tilehopper: {why}" || (sleep {minutes * 60} && poweroff) &'
+
+
+def render_install() -> str:
+    """Shell lines that install the proxy and nothing of any job: the job's user-data runs them
+    on a stock image, the image builder (ami/) runs them once, so both paths install the same."""
+    return """# Amazon Linux's own package; an image baked by ami/ already has it. Whether the stock AL2023
+# repositories carry tinyproxy cannot be checked from the bench: docs/security.md says so.
+command -v tinyproxy >/dev/null || dnf install -y tinyproxy
+id tinyproxy >/dev/null 2>&1 || useradd --system --no-create-home --shell /sbin/nologin tinyproxy
+# The package's own unit would serve its stock config on our port: only tilehopper-proxy runs.
+systemctl disable --now tinyproxy.service >/dev/null 2>&1 || true
+"""
+
+
+def render_builder_user_data(*, max_lifetime_minutes: int) -> str:
+    """The image builder's user-data (ami/ bake): install the proxy, no job's config or
+    credentials (each job's own user-data writes those at boot), then power off. The builder's
+    shutdown behaviour is stop, and `bake` takes "stopped" as the sign the install succeeded; a
+    failed install never gets there. The dead-man halt must come later than bake's deadline."""
+    return f"""#!/bin/bash
+# tilehopper image builder: a halt stops this instance; bake gave up on it by then.
+{_dead_man(max_lifetime_minutes, "image builder lifetime reached")}
+set -euo pipefail
+{render_install()}dnf clean all || true
+# An instance booted from the image is a new instance to cloud-init: it runs that job's user-data.
+cloud-init clean --logs || true
+poweroff
+"""
+
+
 def render_user_data(settings: ProxySettings) -> str:
     """A cloud-init shell script: dead-man timer first, then install and start the proxy."""
     conf = render_config(settings, FILTER_PATH)
@@ -102,15 +134,11 @@ def render_user_data(settings: ProxySettings) -> str:
     return f"""#!/bin/bash
 # tilehopper proxy instance. Shutdown behaviour is terminate, so this halt ends the instance
 # after its lifetime even if the operator that launched it is gone.
-shutdown -h +{minutes} "tilehopper: maxLifetime reached" || (sleep {minutes * 60} && poweroff) &
+{_dead_man(minutes, "maxLifetime reached")}
 set -euo pipefail
 TOKEN=$(curl -sS -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')
 PRIVATE_IP=$(curl -sS -H "X-aws-ec2-metadata-token: $TOKEN" http://169.254.169.254/latest/meta-data/local-ipv4)
-# Amazon Linux's own package; an image baked by ami/ already has it. Whether the stock AL2023
-# repositories carry tinyproxy cannot be checked from the bench: docs/security.md says so.
-command -v tinyproxy >/dev/null || dnf install -y tinyproxy
-id tinyproxy >/dev/null 2>&1 || useradd --system --no-create-home --shell /sbin/nologin tinyproxy
-mkdir -p /etc/tinyproxy
+{render_install()}mkdir -p /etc/tinyproxy
 cat > {FILTER_PATH} <<'{FILTER_MARKER}'
 {filt}{FILTER_MARKER}
 cat > {CONF_PATH} <<'{CONF_MARKER}'

@@ -703,10 +703,22 @@ def al2023_parameter(arch: str = "x86_64") -> str:
     return AL2023_PARAMETER.replace("x86_64", arch)
 
 
-def hardened_launch_options(*, root_device: str, root_size_gib: int) -> dict[str, Any]:
-    """RunInstances arguments every tilehopper instance gets (the same as JobAws.launch's):
-    an encrypted root volume that goes with the instance, IMDSv2 only with one hop. No KeyName."""
+def hardened_launch_options(
+    *, root_device: str, root_size_gib: int, subnet_id: str, security_group_id: str, public_ip: bool
+) -> dict[str, Any]:
+    """RunInstances arguments every tilehopper instance gets (the same as JobAws.launch's): one
+    interface in our security group, an encrypted root volume that goes with the instance,
+    IMDSv2 only with one hop. No KeyName: nobody logs in."""
     return {
+        "NetworkInterfaces": [
+            {
+                "DeviceIndex": 0,
+                "SubnetId": subnet_id,
+                "Groups": [security_group_id],
+                "AssociatePublicIpAddress": public_ip,
+                "DeleteOnTermination": True,
+            }
+        ],
         "BlockDeviceMappings": [
             {
                 "DeviceName": root_device,
