@@ -115,9 +115,20 @@ def install_boot_delay(delay: BootDelay) -> None:
         seconds = delay.for_instance(instance)
         if seconds > 0:
             instance._state = BootingState(time.time() + seconds)
+        else:  # a tag of 0 overrides the delay it was born with
+            instance._state = moto_instances.InstanceState("running", 16)
 
     original_run = moto_instances.InstanceBackend.run_instances
     original_start = moto_instances.Instance.start
+    original_init = moto_instances.Instance.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        # Booting from birth: moto makes the instance visible to describe (the proxy supervisor
+        # polls from another thread) before run_instances returns, so setting the state only
+        # afterwards let it be seen "running" for a moment.
+        original_init(self, *args, **kwargs)
+        if delay.seconds > 0:
+            self._state = BootingState(time.time() + delay.seconds)
 
     def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
         reservation = original_run(self, *args, **kwargs)
@@ -131,6 +142,7 @@ def install_boot_delay(delay: BootDelay) -> None:
             boot(self)
         return previous
 
+    moto_instances.Instance.__init__ = init  # type: ignore[method-assign]
     moto_instances.InstanceBackend.run_instances = run_instances  # type: ignore[method-assign]
     moto_instances.Instance.start = start  # type: ignore[method-assign]
 
