@@ -153,15 +153,38 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Distinct free ports: every socket stays bound until all are picked, so none repeats."""
-    sockets = []
+def ephemeral_range() -> tuple[int, int]:
     try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def port_free(host: str, port: int) -> bool:
+    """True when a listener could bind host:port now (not merely: nobody listens there)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Distinct free ports below the kernel's ephemeral range.
+
+    A port from bind(0) lies inside that range, where any outgoing connection may take it as its
+    local port between our pick and the server's own bind (seen with RabbitMQ's distribution
+    port); below the range only listeners compete.
+    """
+    import random
+
+    low, _ = ephemeral_range()
+    rng = random.Random()
+    picked: list[int] = []
+    while len(picked) < count:
+        port = rng.randrange(20000, max(20001, low))
+        if port not in picked and port_free(host, port):
+            picked.append(port)
+    return picked

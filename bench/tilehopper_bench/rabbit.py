@@ -83,6 +83,7 @@ class RabbitMQ:
             "RABBITMQ_CTL_ERL_ARGS": loopback_args,
             "ERL_EPMD_ADDRESS": HOST,
             "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_CRASH_DUMP": str(self.base / "log" / "erl_crash.dump"),  # never into the repo
         }
 
     def _write_config(self) -> None:
@@ -156,7 +157,8 @@ class RabbitMQ:
 
 
 def _usual_or_free(port: int) -> int:
-    if port < 65536 and not procs.port_open(HOST, port):
+    low, _ = procs.ephemeral_range()
+    if port < low and procs.port_free(HOST, port):
         return port
     return procs.free_port(HOST)
 

@@ -590,6 +590,10 @@ def list_owned_jobs(ec2: Any) -> dict[str, str]:
     for items in _job_resources(ec2, None).values():
         for item in items:
             tags = tags_of(item)
+            # Baked images (and their builders and snapshots) belong to ami/, not to a TileJob:
+            # they outlive every job and are removed only by `tilehopper-ami delete`.
+            if tags.get(TAG_ROLE) in (Role.IMAGE, Role.SNAPSHOT, Role.BUILDER):
+                continue
             if tags.get(TAG_JOB_UID):
                 jobs[tags[TAG_JOB_UID]] = tags.get(TAG_JOB, "")
     return jobs

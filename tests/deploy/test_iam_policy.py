@@ -72,7 +72,7 @@ def test_only_ec2_and_ssm_and_no_wildcard_actions() -> None:
     actions = load_policy_actions()
     assert {a.split(":")[0] for a in actions} == {"ec2", "ssm"}
     assert not [a for a in actions if "*" in a]
-    assert {a for a in actions if a.startswith("ssm:")} == {"ssm:GetParameter", "ssm:GetParameters"}
+    assert {a for a in actions if a.startswith("ssm:")} == {"ssm:GetParameter"}
 
 
 def test_every_destructive_action_needs_our_tag() -> None:
