@@ -1,4 +1,4 @@
-"""`tilehopper-ami bake|list|delete`: the proxy image (AMI) a TileJob can name in spec.proxy.imageId.
+"""`tilehopper-ami bake|list|delete|leftovers`: the proxy image (AMI) a TileJob can name in spec.proxy.imageId.
 
 AWS credentials and the region come from boto3's own chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
 the original task's AWS_SERVER_PUBLIC_KEY/AWS_SERVER_SECRET_KEY, a profile, or an instance or pod
@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     which = delete.add_mutually_exclusive_group(required=True)
     which.add_argument("--image-id")
     which.add_argument("--version", help="every image of this version, and whatever a dead bake left")
+
+    left = commands.add_parser("leftovers", help="count what tilehopper created and is still there (exit 1 if any)")
+    left.add_argument("--job-uid", help="only this TileJob's (its metadata.uid)")
     return parser
 
 
@@ -76,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps([asdict(i) for i in found], indent=2))
             for image in [] if args.json else found:
                 print(f"{image.image_id}\t{image.version}\t{image.arch}\t{image.state}\t{image.name}")
+        elif args.command == "leftovers":
+            counts = aws.leftovers(ec2, args.job_uid)
+            for kind, count in counts.items():
+                print(f"{kind}\t{count}")
+            return 1 if any(counts.values()) else 0
         elif args.image_id:
             images.delete_image(ec2, args.image_id)
         else:

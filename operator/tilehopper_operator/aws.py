@@ -442,33 +442,12 @@ class JobAws:
                     MinCount=1,
                     MaxCount=1,
                     UserData=user_data,  # boto3 base64-encodes it
-                    # No KeyName: nobody logs in. The only way in is the proxy port.
-                    NetworkInterfaces=[
-                        {
-                            "DeviceIndex": 0,
-                            "SubnetId": subnet_id,
-                            "Groups": [security_group_id],
-                            "AssociatePublicIpAddress": public_ip,
-                            "DeleteOnTermination": True,
-                        }
-                    ],
-                    BlockDeviceMappings=[
-                        {
-                            "DeviceName": device,
-                            "Ebs": {
-                                "Encrypted": True,
-                                "DeleteOnTermination": True,
-                                "VolumeType": "gp3",
-                                "VolumeSize": size,
-                            },
-                        }
-                    ],
-                    # IMDSv2 only, and one hop: a container on the instance cannot reach it.
-                    MetadataOptions={
-                        "HttpTokens": "required",
-                        "HttpPutResponseHopLimit": 1,
-                        "HttpEndpoint": "enabled",
-                    },
+                    # One interface in our group, an encrypted root volume, IMDSv2 with one hop
+                    # (a container on the instance cannot reach it), no KeyName: nobody logs in.
+                    **hardened_launch_options(
+                        root_device=device, root_size_gib=size, subnet_id=subnet_id,
+                        security_group_id=security_group_id, public_ip=public_ip,
+                    ),
                     # The user-data's scheduled halt then ends the instance: the dead-man switch.
                     InstanceInitiatedShutdownBehavior="terminate",
                     TagSpecifications=[

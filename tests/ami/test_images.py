@@ -156,3 +156,20 @@ def test_command_line_bake_list_delete(bench: Bench, unique: str, monkeypatch: p
     # An image tilehopper did not make is never deleted.
     assert main(["delete", "--image-id", ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]]) == 1
     assert "not made by tilehopper" in capsys.readouterr().err
+
+
+def test_command_line_leftovers_counts_what_is_still_there(bench: Bench, unique: str,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, bench.env[key])
+    uid = f"left-{unique}"
+    assert main(["leftovers", "--job-uid", uid]) == 0
+    assert "security_groups\t0" in capsys.readouterr().out
+    ec2, _ = clients(bench)
+    job = aws.JobAws(aws.JobIdentity(uid, "default", "left"), ec2=ec2)
+    job.ensure_security_group(vpc_id=bench.env["TILEHOPPER_BENCH_VPC_ID"], allowed_cidrs=["127.0.0.1/32"], port=8888)
+    assert main(["leftovers", "--job-uid", uid]) == 1
+    assert "security_groups\t1" in capsys.readouterr().out
+    job.sweep()
+    assert main(["leftovers", "--job-uid", uid]) == 0
