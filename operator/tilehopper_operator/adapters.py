@@ -6,6 +6,7 @@ Every call here blocks (boto3, requests), so each runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import math
@@ -37,9 +38,15 @@ EGRESS_ECHO_URL = "https://checkip.amazonaws.com"
 def clients(region: str) -> tuple[Any, Any]:
     # AWS_ENDPOINT_URL (the bench's moto) and the credentials come from boto3's own chain.
     # TILEHOPPER_AWS_CALL_LOG records every call's IAM action name (the IAM policy test uses it).
-    log_path = os.environ.get("TILEHOPPER_AWS_CALL_LOG") or None
+    return _clients(region, os.environ.get("AWS_ENDPOINT_URL") or None, os.environ.get("TILEHOPPER_AWS_CALL_LOG") or None)
+
+
+@functools.lru_cache(maxsize=None)
+def _clients(region: str, endpoint_url: str | None, log_path: str | None) -> tuple[Any, Any]:
+    # One pair of clients per region for every job: each boto3 Session loads its own service
+    # models (~27 MB measured), and clients, unlike Sessions, are safe to share between threads.
     recorder = aws.ApiCallRecorder(log_path) if log_path else None
-    return aws.make_clients(region=region, endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, recorder=recorder)
+    return aws.make_clients(region=region, endpoint_url=endpoint_url, recorder=recorder)
 
 
 def _network(ec2: Any, subnet_id: str) -> tuple[str, str, str]:
