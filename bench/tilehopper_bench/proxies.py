@@ -175,7 +175,7 @@ def stop_leftovers(proxies_dir: Path) -> list[int]:
 
 
 def relax_time_wait() -> str:
-    """Let loopback connections reuse TIME_WAIT ports (recipes.md: Bind exhausts them).
+    """Let loopback connections reuse TIME_WAIT ports (with Bind, TIME_WAIT sockets exhaust them within seconds).
 
     Linux's default 2 already means "reuse for loopback", which is all bench traffic; only a 0
     is raised to 1. Returns the value in force, or why it could not be read or changed.

@@ -1,6 +1,6 @@
 """The bench's RabbitMQ: Debian's rabbitmq-server with the management plugin, on 127.0.0.1 only.
 
-recipes.md has the measured facts this follows: start the server script from its lib directory
+Measured facts this follows: start the server script from its lib directory
 (the /usr/sbin wrapper switches user and loses our environment), give it its own HOME and base
 dirs, wait with `rabbitmqctl wait <pidfile>`, stop it with SIGTERM to beam's PID. We start epmd
 ourselves, so the epmd RabbitMQ would otherwise leave behind is a process we own and stop by PID.
