@@ -28,6 +28,9 @@ from tilehopper_operator.workloads import JobRef, Kube
 
 log = logging.getLogger(__name__)
 
+# How often a job's instances are described to notice terminations (ours, and the dead-man's).
+INSTANCE_CHECK_SECONDS = 3.0
+
 
 class ProxyPort:
     """What the driver needs from AWS and the health check (adapters.py binds the real ones)."""
@@ -90,6 +93,7 @@ class JobRuntime:
         self.completed = False
         self.halted = False  # the job is being deleted: act no more, the finalizer sweeps
         self._last_progress_at = 0.0
+        self._last_instances_at = 0.0
         self._last_published: ProxyAnnouncement | None = None
 
     # -- the loop ------------------------------------------------------------------------------
@@ -258,8 +262,11 @@ class JobRuntime:
 
     async def _check_instances(self) -> None:
         watched = [i for i in self.state.instances if i.instance_id and i.phase != "terminated"]
-        if not watched:
+        # DescribeInstances at most every few seconds per job: EC2 throttles an account's calls.
+        now = time.monotonic()
+        if not watched or now - self._last_instances_at < INSTANCE_CHECK_SECONDS:
             return
+        self._last_instances_at = now
         states = await self.proxies.states()
         for inst in watched:
             if states.get(inst.instance_id, "gone") in ("terminated", "shutting-down", "stopped", "stopping", "gone"):
