@@ -101,10 +101,6 @@ def queue_name(namespace: str, job: str) -> str:
     return f"tilehopper.{namespace}.{job}"
 
 
-def dead_letter_queue_name(namespace: str, job: str) -> str:
-    return f"{queue_name(namespace, job)}.dead"
-
-
 # Header the consumer sets on a dead-lettered message: why it gave up on the tile.
 DEAD_LETTER_REASON_HEADER: Final = "x-tilehopper-reason"
 

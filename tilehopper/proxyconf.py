@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import re
-import shlex
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -188,6 +187,3 @@ def parse_user_data(user_data: str, private_ip: str, filter_path: str) -> Parsed
     port = int(re.search(r"^Port (\d+)$", config, re.M).group(1))  # type: ignore[union-attr]
     return ParsedProxy(config=config, filter=_between(user_data, FILTER_MARKER), port=port)
 
-
-def shell_quote(value: str) -> str:
-    return shlex.quote(value)

@@ -183,14 +183,21 @@ def tilejob(name: str, *, url_template: str, tiles: dict[str, Any], rotate_every
     }
 
 
+def ec2(bench: Bench) -> Any:
+    """An EC2 client on the bench's moto, made the product's way."""
+    from tilehopper_operator import aws
+
+    env = bench.env
+    client, _ = aws.make_clients(region=env["AWS_DEFAULT_REGION"], endpoint_url=env["AWS_ENDPOINT_URL"],
+                                 access_key_id=env["AWS_ACCESS_KEY_ID"], secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    return client
+
+
 def aws_leftovers(bench: Bench, job_uid: str | None = None) -> dict[str, int]:
     """What moto still holds that tilehopper created (of one job, or of any)."""
     from tilehopper_operator import aws
 
-    env = bench.env
-    ec2, _ = aws.make_clients(region=env["AWS_DEFAULT_REGION"], endpoint_url=env["AWS_ENDPOINT_URL"],
-                              access_key_id=env["AWS_ACCESS_KEY_ID"], secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-    return aws.leftovers(ec2, job_uid)
+    return aws.leftovers(ec2(bench), job_uid)
 
 
 def kube_leftovers(deployment: Deployment, job: str) -> dict[str, int]:

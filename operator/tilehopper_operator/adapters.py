@@ -51,15 +51,9 @@ def _clients(region: str, endpoint_url: str | None, log_path: str | None) -> tup
 
 def _network(ec2: Any, subnet_id: str) -> tuple[str, str, str]:
     """(vpc id, its CIDR, subnet id); without a subnet, the region's default VPC."""
-    if subnet_id:
-        subnet = ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"][0]
-        vpc = ec2.describe_vpcs(VpcIds=[subnet["VpcId"]])["Vpcs"][0]
-        return vpc["VpcId"], vpc["CidrBlock"], subnet_id
-    vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
-    if not vpcs:
-        raise PermanentAwsError("no default VPC in this region: set spec.proxy.subnetId", operation="DescribeVpcs")
-    subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpcs[0]["VpcId"]]}])["Subnets"]
-    return vpcs[0]["VpcId"], vpcs[0]["CidrBlock"], subnets[0]["SubnetId"]
+    vpc_id, subnet_id = aws.network_of(ec2, subnet_id or None)
+    vpc = ec2.describe_vpcs(VpcIds=[vpc_id])["Vpcs"][0]
+    return vpc_id, vpc["CidrBlock"], subnet_id
 
 
 def _allowed_cidrs(spec: JobSpec, config: OperatorConfig, vpc_cidr: str) -> tuple[str, ...]:

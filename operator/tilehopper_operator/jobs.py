@@ -6,6 +6,7 @@ handlers.py calls these; runtime.py drives the pool; adapters.py talks to AWS an
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -61,12 +62,10 @@ class Operator:
 
     async def _write_status(self, job: JobRef, fields: dict[str, Any]) -> None:
         """Merge-patch the TileJob's status; identical writes are skipped."""
-        import json
-
-        key = json.dumps(fields, sort_keys=True, default=str)
-        if self._last_status.get(f"{job.uid}:{sorted(fields)}") == key:
+        slot, value = f"{job.uid}:{sorted(fields)}", json.dumps(fields, sort_keys=True, default=str)
+        if self._last_status.get(slot) == value:
             return
-        self._last_status[f"{job.uid}:{sorted(fields)}"] = key
+        self._last_status[slot] = value
         try:
             await asyncio.to_thread(
                 self.custom.patch_namespaced_custom_object_status,
@@ -168,8 +167,8 @@ class Operator:
         generator = self.kube.generator_state(job)
         remaining = queue.total if queue else 0
         failed = dead.total if dead else 0
-        published = total if generator == "succeeded" else (remaining + failed)
-        done = max(0, published - remaining - failed) if generator == "succeeded" else 0
+        # Until the generator has succeeded, what is not in the queues may not be published yet.
+        done = max(0, total - remaining - failed) if generator == "succeeded" else 0
         return Progress(total=total, done=done, failed=failed, remaining=remaining, generator=generator)
 
     async def _fail(self, job: JobRef, body: kopf.Body, reason: str) -> None:

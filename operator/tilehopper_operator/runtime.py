@@ -144,8 +144,6 @@ class JobRuntime:
             task.cancel()
         if getter in done:
             await self._feed(getter.result())
-        elif not getter.cancelled() and getter.done():
-            await self._feed(getter.result())
         await self._feed(pool.Tick(time.time()))
 
     async def _drain_events(self) -> None:

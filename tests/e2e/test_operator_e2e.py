@@ -46,15 +46,8 @@ def _fresh_tile_server(bench: Bench) -> None:
     bench.tiles.reset()
 
 
-def _ec2(bench: Bench) -> Any:
-    env = bench.env
-    ec2, _ = aws.make_clients(region=env["AWS_DEFAULT_REGION"], endpoint_url=env["AWS_ENDPOINT_URL"],
-                              access_key_id=env["AWS_ACCESS_KEY_ID"], secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-    return ec2
-
-
 def _job_instances(bench: Bench, uid: str) -> list[dict[str, Any]]:
-    answer = _ec2(bench).describe_instances(Filters=aws.tag_filters(uid))
+    answer = scenario.ec2(bench).describe_instances(Filters=aws.tag_filters(uid))
     return [i for r in answer["Reservations"] for i in r["Instances"]]
 
 
@@ -227,7 +220,7 @@ def test_job_deleted_while_operator_down_is_cleaned_when_it_returns(deployment: 
 
 def test_orphans_of_a_vanished_job_are_swept(deployment: scenario.Deployment, bench: Bench) -> None:
     uid = f"vanished-{uuid.uuid4().hex[:8]}"
-    job_aws = aws.JobAws(aws.JobIdentity(uid, deployment.namespace, "vanished"), ec2=_ec2(bench))
+    job_aws = aws.JobAws(aws.JobIdentity(uid, deployment.namespace, "vanished"), ec2=scenario.ec2(bench))
     job_aws.ensure_security_group(vpc_id=bench.env["TILEHOPPER_BENCH_VPC_ID"], allowed_cidrs=["127.0.0.0/8"], port=8888)
     assert scenario.aws_leftovers(bench, uid)["security_groups"] == 1
     deadline = time.monotonic() + 90  # the bench's operator sweeps every 10 s
